@@ -64,6 +64,18 @@ def position_ids_for(mask: torch.Tensor, mode: str, pad_token_id: int | None) ->
     return (counted - 1).clamp(min=0)
 
 
+def execution_device(model: nn.Module) -> torch.device:
+    """Device that receives the inputs: the first accelerator in an accelerate device map, else the weights' device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        accelerators = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        if not accelerators:
+            return torch.device("cpu")
+        first = accelerators[0]
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 def _first_tensor(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, tuple | list) else value
 
@@ -117,7 +129,7 @@ def calibrate(
     layers = base.get_submodule(spec.layers_module)
     if len(layers) != shape.num_layers:
         raise CalibrationError(f"model has {len(layers)} blocks, config says {shape.num_layers}")
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    device = execution_device(model)
     grams = [_attention_gram(parent, shape, i, device) for i in range(shape.num_layers)]
     acc = _Accumulators(
         hidden=torch.zeros(shape.hidden_size, dtype=torch.float64),
@@ -179,6 +191,13 @@ def calibrate(
 
         batches = list(iter_batches(tokenizer, texts, sequence_length=sequence_length, batch_size=batch_size, padding_side=padding_side))
         pad_id = parent.config.get("pad_token_id")
+        vocab_size = parent.config.get("vocab_size")
+        largest = max(int(b.input_ids.max()) for b in batches) if batches else 0
+        if isinstance(vocab_size, int) and largest >= vocab_size:
+            raise CalibrationError(
+                f"the tokenizer produced token id {largest} but the parent's vocab_size is {vocab_size}; "
+                "the tokenizer files do not belong to this checkpoint", param="parent",
+            )
         for number, batch in enumerate(batches, start=1):
             if should_cancel is not None and should_cancel():
                 raise Cancelled("cancelled during calibration")

@@ -203,6 +203,7 @@ def write_child_weights(
                     on_tensor(done, len(jobs))
             path = out_dir / name
             save_file(tensors, str(path), metadata=metadata)
+            canonicalize_header(path)
             written.append(path)
             del tensors
     if len(shards) > 1:
@@ -211,6 +212,30 @@ def write_child_weights(
         index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         written.append(index_path)
     return written
+
+
+def canonicalize_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted metadata keys, in place.
+
+    safetensors 0.8 serializes ``__metadata__`` from a hash map whose order
+    changes between calls, so two identical saves can differ in their header
+    bytes. The rewritten header has the same length and the tensor data is not
+    touched, which makes identical inputs give byte-identical files.
+    """
+    with path.open("r+b") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(length))
+        metadata = header.pop("__metadata__", None)
+        ordered: dict[str, object] = {}
+        if metadata is not None:
+            ordered["__metadata__"] = dict(sorted(metadata.items()))
+        for name in sorted(header, key=lambda n: (header[n]["data_offsets"][0], n)):
+            ordered[name] = header[name]
+        text = json.dumps(ordered, separators=(",", ":")).encode("utf-8")
+        if len(text) > length:
+            raise RuntimeError(f"canonical header of {path.name} is longer than the original ({len(text)} > {length} bytes)")
+        fh.seek(8)
+        fh.write(text + b" " * (length - len(text)))
 
 
 _SAFETENSORS_DTYPES = {

@@ -97,7 +97,7 @@ def plan_from_config(
     cshape = resolve_target(spec, pshape, target, options)
     shape_options = options.model_copy(update={"method": "uniform", "layer_selection": "first" if options.keep_layers is None else None})
     plan = make_plan(spec, pshape, cshape, shape_options, None)
-    new_config = child_config(spec, config, cshape, plan.kept_layers)
+    new_config = child_config(spec, config, cshape, plan.kept_layers, rescale=options.rescale)
 
     from subclone.extract import is_tied, map_tensors
 
@@ -307,7 +307,7 @@ def _run_stages(
 
     reporter.stage("ranking")
     plan = make_plan(spec, pshape, cshape, options, scores)
-    new_config = child_config(spec, parent.config, cshape, plan.kept_layers)
+    new_config = child_config(spec, parent.config, cshape, plan.kept_layers, rescale=options.rescale)
 
     reporter.stage("extracting")
     from subclone.extract import is_tied, map_tensors, write_child_weights

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from subclone.errors import InvalidOptions, FieldError
+from subclone.errors import FieldError, InvalidOptions
 
 INFLUENCE_METRICS = ("relative", "angular")
 
@@ -45,9 +45,12 @@ class Scores:
             tensors[f"ffn.{i}"] = ffn.double().contiguous()
         for metric, values in self.influence.items():
             tensors[f"influence.{metric}"] = values.double().contiguous()
+        from subclone.extract import canonicalize_header
+
         metadata = {"format": "subclone-scores", "num_layers": str(self.num_layers), **self.metadata}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
+        canonicalize_header(tmp)
         tmp.replace(path)
 
     @classmethod

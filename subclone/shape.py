@@ -161,11 +161,17 @@ def resolve_target(
 
 
 def child_config(
-    spec: ArchitectureSpec, parent_config: dict[str, Any], child: Shape, kept_layers: list[int]
+    spec: ArchitectureSpec, parent_config: dict[str, Any], child: Shape, kept_layers: list[int], *, rescale: str = "norm"
 ) -> dict[str, Any]:
     """Rewrite the parent's config.json for the child's shape."""
     keys = spec.config
     config = copy.deepcopy(parent_config)
+    parent_hidden = int(parent_config[keys.hidden_size])
+    if rescale == "norm" and keys.norm_eps and child.hidden_size < parent_hidden and keys.norm_eps in parent_config:
+        # A norm over d of D dimensions computes sqrt(sum x^2 / d + eps). With the weight scaled by
+        # sqrt(D/d), the child matches the parent exactly (for zero dropped dimensions) only if eps
+        # is scaled by D/d as well.
+        config[keys.norm_eps] = float(parent_config[keys.norm_eps]) * parent_hidden / child.hidden_size
     config[keys.num_layers] = child.num_layers
     config[keys.hidden_size] = child.hidden_size
     config[keys.num_attention_heads] = child.num_attention_heads

@@ -73,6 +73,7 @@ class ConfigKeys(_Strict):
         default_factory=list, description="Keys holding a block index threshold (e.g. max_window_layers)."
     )
     tie_word_embeddings: str | None = Field(default=None, description="Key that ties input and output embeddings.")
+    norm_eps: str | None = Field(default=None, description="Key of the residual norms' epsilon.")
     tie_default: bool = False
 
 
