@@ -33,7 +33,7 @@ CancelCheck = Callable[[], bool]
 
 @dataclass
 class PlanReport:
-    """What a request would build, computed from configs alone (no weights read)."""
+    """Dry-run result of a request: shapes, sizes and memory estimate, computed from configs alone."""
 
     parent: dict[str, Any]
     child: dict[str, Any]

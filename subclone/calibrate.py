@@ -127,8 +127,9 @@ def calibrate(
     spec = parent.spec
     base = getattr(model, "base_model", model)
     layers = base.get_submodule(spec.layers_module)
+    assert isinstance(layers, nn.ModuleList), f"{spec.layers_module} is not a ModuleList"
     if len(layers) != shape.num_layers:
-        raise CalibrationError(f"model has {len(layers)} blocks, config says {shape.num_layers}")
+        raise CalibrationError(f"the loaded model has {len(layers)} blocks but config.json declares {shape.num_layers}")
     device = execution_device(model)
     grams = [_attention_gram(parent, shape, i, device) for i in range(shape.num_layers)]
     acc = _Accumulators(

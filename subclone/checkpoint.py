@@ -106,9 +106,11 @@ def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, Path, 
     try:
         # The config comes first so that remote code and unknown families are
         # rejected before any weight is downloaded.
-        config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        # local_files_only is passed explicitly because huggingface_hub reads HF_HUB_OFFLINE
+        # only once, at import time.
+        config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=offline))
         _check_config(json.loads(config_path.read_text(encoding="utf-8")), source=repo_id)
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline))
     except LocalEntryNotFoundError as exc:
         hint = " (HF_HUB_OFFLINE is set and the repo is not in the local cache)" if offline else ""
         raise ParentNotFound(f"Hub repo {repo_id!r} at revision {revision or 'main'} is not available{hint}: {exc}", param="parent") from None

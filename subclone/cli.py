@@ -145,6 +145,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from subclone.api import ProgressEvent, run_subclone
 
     target, options = _options_from(args, verify=not args.no_verify)
+    if args.eval_sts:
+        options = options.model_copy(update={"eval_sts_path": args.eval_sts})
     bars: dict[str, tqdm] = {}
 
     def progress(event: ProgressEvent) -> None:
@@ -201,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
     run.add_argument("--scores-cache", type=Path, help="directory that caches calibration scores between runs")
     run.add_argument("--no-verify", action="store_true", help="skip reloading the child and measuring quality")
+    run.add_argument("--eval-sts", help="STS-benchmark file (tab-separated) for an STS Spearman check of encoder children")
     run.set_defaults(func=_cmd_run)
 
     evaluate = sub.add_parser("evaluate", help="measure a child's zero-training quality")

@@ -8,7 +8,7 @@ the hierarchy in one place. ``user_error`` separates mistakes in a request
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

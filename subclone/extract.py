@@ -3,7 +3,7 @@
 The mapping from parent tensors to child tensors (:func:`map_tensors`) uses
 names and shapes only, so it also runs on a ``meta`` model to check a plan for
 a parent far larger than memory. The writer reads one parent tensor at a time
-and holds at most one output shard in memory.
+and keeps at most one output shard in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from subclone.checkpoint import TensorReader, ParentCheckpoint
+from subclone.checkpoint import ParentCheckpoint, TensorReader
 from subclone.errors import Cancelled
 from subclone.plan import Plan
 from subclone.specs import ArchitectureSpec, Axis, TensorSpec
@@ -43,17 +43,17 @@ def _space_indices(space: str, plan: Plan, layer_position: int | None) -> tuple[
     head_dim = parent["head_dim"]
     if space == "hidden":
         return (plan.hidden if child["hidden_size"] < parent["hidden_size"] else None), parent["hidden_size"]
-    if space in ("heads", "kv_heads", "ffn") and layer_position is None:
+    if space not in ("heads", "kv_heads", "ffn"):
+        return None, -1  # vocab and keep: never cut
+    if layer_position is None:
         raise ValueError(f"space {space!r} used by a tensor that is not per block")
     if space == "ffn":
         kept = plan.ffn[layer_position]
         return (kept if len(kept) < parent["intermediate_size"] else None), parent["intermediate_size"]
-    if space in ("heads", "kv_heads"):
-        heads = plan.heads[layer_position] if space == "heads" else plan.kv_heads[layer_position]
-        total = parent["num_attention_heads"] if space == "heads" else parent["num_key_value_heads"]
-        entries = [h * head_dim + d for h in heads for d in range(head_dim)]
-        return (entries if len(heads) < total else None), total * head_dim
-    return None, -1  # vocab and keep: never cut
+    heads = plan.heads[layer_position] if space == "heads" else plan.kv_heads[layer_position]
+    total = parent["num_attention_heads"] if space == "heads" else parent["num_key_value_heads"]
+    entries = [h * head_dim + d for h in heads for d in range(head_dim)]
+    return (entries if len(heads) < total else None), total * head_dim
 
 
 def _axis_indices(axis: Axis, plan: Plan, layer_position: int | None, parent_size: int) -> torch.Tensor | None:
@@ -61,7 +61,8 @@ def _axis_indices(axis: Axis, plan: Plan, layer_position: int | None, parent_siz
         kept, _size = _space_indices(axis, plan, layer_position)
         return None if kept is None else torch.tensor(kept, dtype=torch.long)
     # A fused axis: several spaces laid end to end (GPT-2 c_attn: q, k, v).
-    pieces, offset, any_cut = [], 0, False
+    pieces: list[int] = []
+    offset, any_cut = 0, False
     for space in axis:
         kept, size = _space_indices(space, plan, layer_position)
         if kept is None:

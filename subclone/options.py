@@ -45,7 +45,7 @@ class Target(_Frozen):
 
 
 class CalibrationOptions(_Frozen):
-    """Where calibration text comes from and how much of it the parent sees."""
+    """Calibration text source and the amount of it fed to the parent."""
 
     source: str | None = Field(
         default="builtin:stdlib-docstrings",
@@ -87,7 +87,7 @@ class CalibrationOptions(_Frozen):
 
 
 class SubcloneOptions(_Frozen):
-    """How the child is derived. Every field has a working default."""
+    """Method options for deriving the child. Every field has a working default."""
 
     method: Method = Field(
         default="activation",
@@ -126,6 +126,10 @@ class SubcloneOptions(_Frozen):
     max_shard_size: int = Field(default=5 * 1024**3, ge=1024**2, description="Largest safetensors shard in bytes.")
     verify: bool = Field(default=True, description="Reload the child with stock transformers and measure quality.")
     eval_texts: int = Field(default=64, ge=2, le=4096, description="Held-out texts used for the quality check.")
+    eval_sts_path: str | None = Field(
+        default=None,
+        description="STS-benchmark style file (tab-separated, score in column 5, sentences in 6 and 7) for an STS Spearman check of encoders.",
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> SubcloneOptions:

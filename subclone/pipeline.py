@@ -23,7 +23,13 @@ import torch
 
 from subclone import __version__
 from subclone.api import PlanReport, ProgressCallback, ProgressEvent, SubcloneResult
-from subclone.checkpoint import ParentCheckpoint, TensorReader, expected_tensors, resolve_parent, sha256_file
+from subclone.checkpoint import (
+    ParentCheckpoint,
+    TensorReader,
+    expected_tensors,
+    resolve_parent,
+    sha256_file,
+)
 from subclone.errors import Cancelled, FieldError, InvalidOptions, SubcloneError
 from subclone.options import SubcloneOptions, Target
 from subclone.plan import Plan, make_plan
@@ -59,6 +65,15 @@ def check_option_combinations(spec: ArchitectureSpec, options: SubcloneOptions) 
             "layer_selection", "influence", f"needs calibration, which method {options.method!r} does not run",
             allowed="middle, first, or method activation",
         ))
+    if options.eval_sts_path is not None:
+        if spec.task != "encoder":
+            errors.append(FieldError("eval_sts_path", options.eval_sts_path, f"STS applies to encoders, not {spec.task} models"))
+        elif not Path(options.eval_sts_path).is_file():
+            errors.append(FieldError("eval_sts_path", options.eval_sts_path, "file does not exist"))
+    if options.calibration.texts is None and options.calibration.source and not options.calibration.source.startswith("builtin:"):
+        if (options.needs_calibration or options.verify) and not Path(options.calibration.source).is_file():
+            errors.append(FieldError("calibration.source", options.calibration.source, "file does not exist",
+                                     allowed="an existing .txt or .jsonl file, or builtin:stdlib-docstrings"))
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         errors.append(FieldError("device", options.device, "CUDA is not available on this machine", allowed="cpu"))
     if errors:
@@ -410,7 +425,7 @@ def _activation_scores(
         "calibration_documents": str(len(texts.calibration)),
     })
     if cached is not None:
-        scores_cache_dir.mkdir(parents=True, exist_ok=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
         scores.metadata["parent_weights_sha256"] = fingerprint
         scores.save(cached)
         info["cache_key"] = key
@@ -427,7 +442,8 @@ def _verify(parent: ParentCheckpoint, child_dir: Path, options: SubcloneOptions,
     parent_model = None
     if options.max_memory is None:
         parent_model = load_checked(parent.directory, spec.task, options.device)
-    metrics = quality(spec.task, child, tokenizer, texts, parent=parent_model, child_dir=child_dir)
+    sts_path = Path(options.eval_sts_path) if options.eval_sts_path else None
+    metrics = quality(spec.task, child, tokenizer, texts, parent=parent_model, child_dir=child_dir, sts_path=sts_path)
     metrics["loaded_with"] = type(child).__name__
     return metrics
 

@@ -87,7 +87,7 @@ class Scores:
 
 
 def weights_fingerprint(file_hashes: dict[str, str]) -> str:
-    """One sha256 over the parent's weight files, independent of file order."""
+    """Hash the per-file sha256 values into one digest, independent of file order."""
     import hashlib
 
     return hashlib.sha256(json.dumps(file_hashes, sort_keys=True).encode()).hexdigest()

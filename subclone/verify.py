@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def model_class(config: dict[str, Any], task: str) -> Any:
-    """The stock transformers class named in config.json, or the Auto class for the task."""
+    """Return the stock transformers class named in config.json, or the Auto class for the task."""
     import transformers
 
     for name in config.get("architectures") or []:
@@ -54,7 +54,7 @@ def load_checked(directory: Path, task: str, device: str = "cpu") -> Any:
 
 
 def random_like(directory: Path, task: str, seed: int = 0) -> Any:
-    """A randomly initialized model with the child's config (the no-transfer baseline)."""
+    """Build a randomly initialized model with the child's config (the no-transfer baseline)."""
     from transformers import AutoConfig
 
     config_dict = json.loads((directory / "config.json").read_text(encoding="utf-8"))

@@ -1,6 +1,6 @@
 """Architecture specs: one JSON file per model family, read through a strict schema.
 
-A spec names every tensor of a family's checkpoint and says, for each axis,
+A spec names every tensor of a family's checkpoint and states, for each axis,
 which prunable space it belongs to:
 
 - ``hidden``: the residual-stream width (one global index set),

@@ -47,6 +47,9 @@ def test_pickle_parent_exits_2(tmp_path, capsys):
 
 
 def test_run_then_evaluate(tiny_parents, corpus_file, shared_data, tmp_path, capsys):
+    sts = tmp_path / "sts-sample.csv"
+    lines = (shared_data / "stsbenchmark" / "sts-dev.csv").read_text(encoding="utf-8").splitlines()
+    sts.write_text("\n".join(lines[:200]) + "\n", encoding="utf-8")
     out = tmp_path / "child"
     code = main(["run", str(tiny_parents["bert"]), "--out", str(out), "--num-layers", "2", "--hidden-size", "32",
                  "--num-attention-heads", "2", "--calibration", str(corpus_file), "--samples", "16", "--sequence-length", "32"])
@@ -54,7 +57,7 @@ def test_run_then_evaluate(tiny_parents, corpus_file, shared_data, tmp_path, cap
     assert f"child written to {out}" in capsys.readouterr().out
     assert (out / "subclone_manifest.json").is_file()
     code = main(["evaluate", str(out), "--parent", str(tiny_parents["bert"]), "--texts", str(corpus_file), "--limit", "16",
-                 "--sts", str(shared_data / "stsbenchmark" / "sts-dev.csv")])
+                 "--sts", str(sts)])
     assert code == 0
     metrics = json.loads(capsys.readouterr().out)
     assert -1.0 <= metrics["sts_spearman"] <= 1.0

@@ -12,10 +12,10 @@ import json
 
 import pytest
 import torch
+from tiny import RMS_FAMILIES, make_parent
 
 from subclone.api import run_subclone
 from subclone.options import CalibrationOptions, SubcloneOptions, Target
-from tiny import RMS_FAMILIES, make_parent
 
 DEAD_HIDDEN = [3, 10, 17, 22, 31, 40, 47, 50, 58, 63]  # 10 of 64 residual dimensions
 DEAD_FFN = list(range(0, 96, 4))  # 24 of 96 neurons per block

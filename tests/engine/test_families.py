@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import FAMILIES, REDUCED
 
 from subclone.api import run_subclone
 from subclone.checkpoint import resolve_parent
 from subclone.options import CalibrationOptions, SubcloneOptions, Target
 from subclone.specs import available_model_types, load_spec
-from tiny import FAMILIES, REDUCED
 
 
 def quick_options(**overrides) -> SubcloneOptions:

@@ -148,3 +148,39 @@ def test_existing_output_rejected(tiny_parents, tmp_path):
     with pytest.raises(InvalidOptions, match="not an empty directory"):
         run_subclone(tiny_parents["llama"], Target(num_layers=2), out, SubcloneOptions(method="uniform"))
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_bfloat16_parent_gives_bfloat16_child(corpus, tmp_path):
+    import torch
+    import transformers
+    from tiny import make_parent
+
+    parent_dir = make_parent(tmp_path / "parent", "llama", corpus)
+    model = transformers.LlamaForCausalLM.from_pretrained(str(parent_dir), dtype=torch.bfloat16)
+    model.save_pretrained(parent_dir)
+    options = SubcloneOptions(dtype="bfloat16", calibration=CalibrationOptions(texts=tuple(corpus[:16]), num_samples=16, sequence_length=32), eval_texts=4)
+    result = run_subclone(parent_dir, Target(num_layers=2, hidden_size=32), tmp_path / "child", options)
+    with safe_open(str(result.out_dir / "model.safetensors"), framework="pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"BF16"}
+    assert result.manifest["metrics"]["perplexity"] > 0
+
+
+def test_missing_calibration_file_rejected_before_loading(tiny_parents, tmp_path):
+    out = tmp_path / "child"
+    options = SubcloneOptions(calibration=CalibrationOptions(source=str(tmp_path / "missing.txt")))
+    with pytest.raises(InvalidOptions) as excinfo:
+        run_subclone(tiny_parents["llama"], Target(num_layers=2), out, options)
+    assert excinfo.value.errors[0].field == "calibration.source"
+    assert not out.exists()
+
+
+def test_norm_offset_rescaling():
+    import torch
+
+    from subclone.extract import TensorJob, cut_tensor
+
+    stored = torch.tensor([0.5, -0.2, 0.0, 1.0])  # the norm multiplies by (1 + stored)
+    job = TensorJob("w", "w", (torch.tensor([0, 1]),), (2,), scale=2.0, offset=1.0)
+    # (1 + 0.5) * 2 - 1 = 2.0 and (1 - 0.2) * 2 - 1 = 0.6
+    torch.testing.assert_close(cut_tensor(stored, job), torch.tensor([2.0, 0.6]))

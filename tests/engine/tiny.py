@@ -116,7 +116,7 @@ def make_parent(directory: Path, family: str, texts: list[str], *, seed: int = 0
     # Random init leaves norm weights at exactly 1 and biases at 0; perturb them so
     # a test can tell a sliced or rescaled vector from a fresh one.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 1:
                 param.add_(torch.randn_like(param) * 0.1)
     if mutate is not None:
