@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -188,10 +188,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse parser whose usage errors are one line on stderr with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="subclone", description="Initialize a smaller transformer from a larger pretrained one.")
+    parser = _OneLineParser(prog="subclone", description="Initialize a smaller transformer from a larger pretrained one.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     plan = sub.add_parser("plan", help="validate a target and print the child's shape, size and memory estimate")
     _add_options(plan)

@@ -32,7 +32,7 @@ from subclone.checkpoint import (
 )
 from subclone.errors import Cancelled, FieldError, InvalidOptions, SubcloneError
 from subclone.options import SubcloneOptions, Target
-from subclone.plan import Plan, make_plan
+from subclone.plan import Plan, default_layer_selection, make_plan, select_layers
 from subclone.scores import Scores, weights_fingerprint
 from subclone.shape import Shape, child_config, parent_shape, resolve_target
 from subclone.specs import ArchitectureSpec
@@ -148,13 +148,19 @@ def plan_from_config(
             "extraction_bytes": int(min(child_bytes, options.max_shard_size) + 2 * largest_tensor),
             "parent_weight_bytes": int(parent_params * dtype_bytes),
         },
-        kept_layers=plan.kept_layers if options.keep_layers is not None or options.layer_selection in ("first", "middle") or options.method == "uniform" else None,
+        kept_layers=_layers_known_without_data(pshape, cshape, options),
         child_config=new_config,
     )
-    if report.kept_layers is not None and options.keep_layers is None:
-        layer_plan = make_plan(spec, pshape, cshape, options.model_copy(update={"layer_selection": options.layer_selection or ("first" if options.method == "uniform" else "middle")}), None)
-        report.kept_layers = layer_plan.kept_layers
     return report, plan
+
+
+def _layers_known_without_data(pshape: Shape, cshape: Shape, options: SubcloneOptions) -> list[int] | None:
+    """Blocks the child will keep when no calibration decides them; None when influence does."""
+    selection = options.layer_selection or default_layer_selection(options.method)
+    if options.keep_layers is None and selection == "influence" and cshape.num_layers < pshape.num_layers:
+        return None
+    kept, _rule = select_layers(pshape, cshape, options, None)
+    return kept
 
 
 def plan_request(parent: str | Path, target: Target, options: SubcloneOptions, *, revision: str | None = None) -> PlanReport:
