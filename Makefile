@@ -1,0 +1,18 @@
+# Benchmarks are not part of the test command; see docs/benchmarks.md for what each one measures.
+PYTHON ?= .venv/bin/python
+
+.PHONY: bench bench-quality bench-training bench-cost bench-report
+
+bench: bench-quality bench-training bench-cost bench-report
+
+bench-quality:
+	OMP_NUM_THREADS=1 $(PYTHON) bench/quality.py
+
+bench-training:
+	OMP_NUM_THREADS=1 $(PYTHON) bench/training.py --steps 90
+
+bench-cost:
+	OMP_NUM_THREADS=1 $(PYTHON) bench/cost.py --sizes minilm,llama-0.1b,llama-0.5b
+
+bench-report:
+	OMP_NUM_THREADS=1 $(PYTHON) bench/report.py
