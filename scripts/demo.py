@@ -170,15 +170,15 @@ def print_quality(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-layers", type=int, default=3, help="Child blocks (parent: 6).")
-    parser.add_argument("--hidden-size", type=int, default=192, help="Child width (parent: 384).")
+    parser.add_argument("--num-layers", type=int, default=4, help="Child blocks (parent: 6).")
+    parser.add_argument("--hidden-size", type=int, default=256, help="Child width (parent: 384).")
     parser.add_argument(
-        "--num-heads", type=int, default=6, help="Child attention heads (parent: 12, head size 32)."
+        "--num-heads", type=int, default=8, help="Child attention heads (parent: 12, head size 32)."
     )
     parser.add_argument(
-        "--intermediate-size", type=int, default=768, help="Child FFN width (parent: 1536)."
+        "--intermediate-size", type=int, default=1024, help="Child FFN width (parent: 1536)."
     )
-    parser.add_argument("--num-samples", type=int, default=64, help="Calibration sequences.")
+    parser.add_argument("--num-samples", type=int, default=128, help="Calibration sequences.")
     parser.add_argument(
         "--data-dir",
         type=Path,
