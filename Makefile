@@ -1,9 +1,9 @@
 # Benchmarks are not part of the test command; see docs/benchmarks.md for what each one measures.
 PYTHON ?= .venv/bin/python
 
-.PHONY: bench bench-quality bench-training bench-cost bench-report
+.PHONY: bench bench-quality bench-training bench-cost bench-service bench-report
 
-bench: bench-quality bench-training bench-cost bench-report
+bench: bench-quality bench-training bench-cost bench-service bench-report
 
 bench-quality:
 	OMP_NUM_THREADS=1 $(PYTHON) bench/quality.py
@@ -13,6 +13,10 @@ bench-training:
 
 bench-cost:
 	OMP_NUM_THREADS=1 $(PYTHON) bench/cost.py --sizes minilm,llama-0.1b,llama-0.5b
+
+# Needs PostgreSQL and Redis on 127.0.0.1; see the top of bench/service.py.
+bench-service:
+	OMP_NUM_THREADS=1 $(PYTHON) bench/service.py --compare-uvicorn
 
 bench-report:
 	OMP_NUM_THREADS=1 $(PYTHON) bench/report.py
