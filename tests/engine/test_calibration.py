@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -111,9 +113,32 @@ def test_scores_cache_skips_forward_passes(tiny_parents, corpus_file, tmp_path):
     assert len(list(cache.glob("*.safetensors"))) == 1
 
 
-def test_only_special_tokens_fails_clearly(tiny_parents, tmp_path):
-    options = SubcloneOptions(calibration=CalibrationOptions(texts=("   \n", "x"), num_samples=2), verify=False)
-    # "x" is a real word-level token for bert, so use a text the tokenizer maps to nothing but specials.
+def test_single_word_calibration_counts_real_tokens(tiny_parents, tmp_path):
+    # One word gives [CLS] word [SEP]: only the word is a real token.
     options = SubcloneOptions(calibration=CalibrationOptions(texts=("x",), num_samples=1, sequence_length=8), verify=False)
     result = run_subclone(tiny_parents["bert"], Target(num_layers=2), tmp_path / "ok", options)
-    assert result.manifest["calibration"]["real_tokens"] >= 1
+    assert result.manifest["calibration"]["real_tokens"] == 1
+
+
+def test_whitespace_only_texts_rejected():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="at least one non-empty document"):
+        CalibrationOptions(texts=("   ", "\n"))
+
+
+def test_tokenizer_beyond_vocabulary_rejected(tiny_parents, tmp_path, corpus):
+    import shutil
+
+    parent_dir = tmp_path / "parent"
+    shutil.copytree(tiny_parents["llama"], parent_dir)
+    config = json.loads((parent_dir / "config.json").read_text())
+    config["vocab_size"] = 8  # the tokenizer emits ids far above 8
+    (parent_dir / "config.json").write_text(json.dumps(config))
+    from subclone.checkpoint import resolve_parent as resolve
+
+    parent = resolve(parent_dir)
+    with pytest.raises(CalibrationError, match="vocab_size is 8"):
+        calibrate(parent, load_parent_model(resolve(tiny_parents["llama"]), device="cpu", dtype="float32"),
+                  _load_tokenizer(parent), corpus[:4], parent_shape(parent.spec, parent.config),
+                  sequence_length=16, batch_size=2)
