@@ -37,7 +37,10 @@ import common  # noqa: E402
 LLAMA_SHAPES = {
     "llama-0.1b": {"hidden_size": 768, "num_hidden_layers": 14, "intermediate_size": 2048, "num_attention_heads": 12, "num_key_value_heads": 4},
     "llama-0.5b": {"hidden_size": 1536, "num_hidden_layers": 18, "intermediate_size": 4096, "num_attention_heads": 12, "num_key_value_heads": 4},
+    # NOTE: despite its name, llama-1.5b has 1.30 B parameters with this vocabulary. The name is kept because
+    # recorded results use it. llama-1.48b adds four blocks to it and has 1.48 B parameters.
     "llama-1.5b": {"hidden_size": 2048, "num_hidden_layers": 28, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4},
+    "llama-1.48b": {"hidden_size": 2048, "num_hidden_layers": 32, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4},
 }
 VOCAB_SIZE = 8192
 SPECIAL_TOKEN = "<|endoftext|>"

@@ -18,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 FIGURES = common.REPO_ROOT / "docs" / "benchmarks"
+# Result files of later invocations that add runs or parents to the main result file, in the order they ran.
+TRAINING_EXTRA = ("training-uniform-lr5e-4",)
+COST_EXTRA = ("cost-1.5b", "cost-1.48b")
 
 
 def load(name: str) -> dict | None:
@@ -70,21 +73,40 @@ def quality_tables(result: dict) -> None:
     plt.close(fig)
 
 
-def training_tables(result: dict) -> None:
+def training_tables(result: dict, extra: list[dict]) -> None:
+    """Print the training table and draw its figure. ``extra`` contains results of other invocations, whose runs are appended.
+
+    The best learning rate and the speed-up are recomputed over the runs of all invocations. That is valid
+    for the scores and step counts, which do not depend on machine load, but not for training seconds.
+    """
+    import training
+
     print(header(result))
+    for other in extra:
+        print(f"Also: {header(other)}")
     print()
-    print("| init | lr | seed | dev subset before | dev subset after | full dev after | train seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in result["runs"]:
-        print(f"| {r['init']} | {r['lr']:g} | {r['seed']} | {r['curve'][0][1]:.4f} | {r['final_subset']:.4f} | {r['final_full_dev']:.4f} | {r['train_seconds']} |")
+    print("| init | lr | seed | invocation | dev subset before | dev subset after | full dev after | train seconds |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    invocations = [result, *extra]
+    runs = []
+    learning_rates: dict[str, list[float]] = {}
+    for number, invocation in enumerate(invocations, start=1):
+        for r in invocation["runs"]:
+            runs.append(r)
+            print(f"| {r['init']} | {r['lr']:g} | {r['seed']} | {number} ({invocation['date_utc']}) | {r['curve'][0][1]:.4f} | "
+                  f"{r['final_subset']:.4f} | {r['final_full_dev']:.4f} | {r['train_seconds']} |")
+        for init, rates in invocation["learning_rates"].items():
+            learning_rates.setdefault(init, [])
+            learning_rates[init] += [lr for lr in rates if lr not in learning_rates[init]]
     print()
-    print("Summary:", json.dumps(result["summary"]))
+    summary = training.summarize(runs, learning_rates) if extra else result["summary"]
+    print("Summary:", json.dumps(summary))
     print()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {"subclone": "tab:blue", "uniform": "tab:orange", "random": "tab:gray"}
     styles = {}
-    for r in result["runs"]:
+    for r in runs:
         key = (r["init"], r["lr"])
         styles.setdefault(key, ["-", "--"][len([k for k in styles if k[0] == r["init"]]) % 2])
         steps, values = zip(*r["curve"], strict=True)
@@ -129,11 +151,21 @@ def cost_tables(result: dict, extra: list[dict]) -> None:
     if len(llama) >= 2:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         params = [r["parent_parameters"] / 1e6 for r in llama]
-        axes[0].plot(params, [r["run_wall_seconds"] for r in llama], marker="o", label="subclone run")
-        axes[0].plot(params, [r["lower_bound"]["total_seconds"] for r in llama], marker="s", label="lower bound")
+        # Wall times depend on the load from other jobs, so only parents of the same invocation are joined by a line.
+        main_rows = [r for r in llama if r in result["rows"]]
+        other_rows = [r for r in llama if r not in result["rows"]]
+        main_params = [r["parent_parameters"] / 1e6 for r in main_rows]
+        axes[0].plot(main_params, [r["run_wall_seconds"] for r in main_rows], marker="o", color="tab:blue", label="subclone run")
+        axes[0].plot(main_params, [r["lower_bound"]["total_seconds"] for r in main_rows], marker="s", color="tab:orange", label="lower bound")
+        if other_rows:
+            other_params = [r["parent_parameters"] / 1e6 for r in other_rows]
+            axes[0].plot(other_params, [r["run_wall_seconds"] for r in other_rows], "o", color="tab:blue", fillstyle="none",
+                         label="subclone run, separate invocations")
+            axes[0].plot(other_params, [r["lower_bound"]["total_seconds"] for r in other_rows], "s", color="tab:orange", fillstyle="none",
+                         label="lower bound, separate invocations")
         axes[0].set_xlabel("parent parameters (M)")
         axes[0].set_ylabel("seconds")
-        axes[0].legend()
+        axes[0].legend(fontsize=8)
         axes[0].grid(alpha=0.3)
         axes[1].plot(params, [r["run_peak_rss_bytes"] / 2**20 for r in llama], marker="o", label="peak RSS, subclone run")
         with_extraction = [r for r in llama if "extraction_only_peak_rss_bytes" in r]
@@ -153,20 +185,27 @@ def cost_tables(result: dict, extra: list[dict]) -> None:
 
 def main() -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
-    for name, render in (("quality", quality_tables), ("training", training_tables)):
-        result = load(name)
-        print(f"## {name}\n")
-        if result is None:
-            print("not measured: no result file\n")
-            continue
-        render(result)
+    print("## quality\n")
+    quality = load("quality")
+    if quality is None:
+        print("not measured: no result file\n")
+    else:
+        quality_tables(quality)
+    print("## training\n")
+    training_result = load("training")
+    if training_result is None:
+        print("not measured: no result file\n")
+    else:
+        # Learning rates run in a later invocation (--lrs with --out) are appended.
+        extra = [result for result in map(load, TRAINING_EXTRA) if result is not None]
+        training_tables(training_result, extra)
     print("## cost\n")
     cost = load("cost")
     if cost is None:
         print("not measured: no result file\n")
     else:
         # Parents measured in a separate invocation (the largest one takes longest) are appended.
-        extra = [result for result in (load("cost-1.5b"),) if result is not None]
+        extra = [result for result in map(load, COST_EXTRA) if result is not None]
         cost_tables(cost, extra)
 
 
