@@ -15,7 +15,6 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,26 +272,27 @@ def check_coverage(parent: ParentCheckpoint) -> None:
 
 
 class TensorReader:
-    """Reads single tensors from the parent's safetensors files, keeping each file open once."""
+    """Reads single tensors from the parent's safetensors files.
+
+    Each read opens the file, copies one tensor out of the memory map and closes
+    it again. A handle kept open for the whole extraction would leave every page
+    it touched mapped, so the process's resident memory would grow to the size
+    of the parent even though only one tensor is in use at a time.
+    """
 
     def __init__(self, parent: ParentCheckpoint) -> None:
         self._parent = parent
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        return None
 
     def has(self, name: str) -> bool:
         return name in self._parent.tensor_files
 
     def get(self, name: str) -> torch.Tensor:
         path = self._parent.tensor_files[name]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            self._handles[path] = handle
-        return handle.get_tensor(name)
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name).clone()
