@@ -1,9 +1,13 @@
 # Benchmarks are not part of the test command; see docs/benchmarks.md for what each one measures.
 PYTHON ?= .venv/bin/python
 
-.PHONY: bench bench-quality bench-training bench-cost bench-service bench-report
+.PHONY: bench bench-deps bench-quality bench-training bench-cost bench-service bench-report
 
-bench: bench-quality bench-training bench-cost bench-service bench-report
+bench: bench-deps bench-quality bench-training bench-cost bench-service bench-report
+
+# matplotlib (the bench extra) draws the figures; the test install does not include it.
+bench-deps:
+	$(PYTHON) -m pip install --quiet -e ".[bench]"
 
 bench-quality:
 	OMP_NUM_THREADS=1 $(PYTHON) bench/quality.py
