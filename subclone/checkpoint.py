@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +162,7 @@ def open_parent_directory(
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 tensor_files[name] = path
-    base_prefix = _detect_prefix(spec, tensor_files, source)
+    base_prefix = detect_prefix(spec, tensor_files, source)
     parent = ParentCheckpoint(
         directory=directory,
         source=source,
@@ -221,10 +221,11 @@ def _find_weight_files(directory: Path, source: str, allowed_root: Path | None) 
     return files
 
 
-def _detect_prefix(spec: ArchitectureSpec, tensor_files: dict[str, Path], source: str) -> str:
+def detect_prefix(spec: ArchitectureSpec, tensor_names: Collection[str], source: str) -> str:
+    """Find the prefix (for example 'model.') under which this checkpoint stores base-model tensors."""
     anchor = next(t.name for t in spec.tensors if t.scope == "base" and not t.per_layer and not t.optional)
     for prefix in ["", *spec.base_prefixes]:
-        if prefix + anchor in tensor_files:
+        if prefix + anchor in tensor_names:
             return prefix
     raise UnsupportedArchitecture(
         f"checkpoint {source} has no tensor {anchor!r} (tried prefixes {['', *spec.base_prefixes]}); "

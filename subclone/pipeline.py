@@ -26,6 +26,7 @@ from subclone.api import PlanReport, ProgressCallback, ProgressEvent, SubcloneRe
 from subclone.checkpoint import (
     ParentCheckpoint,
     TensorReader,
+    detect_prefix,
     expected_tensors,
     resolve_parent,
     sha256_file,
@@ -102,10 +103,10 @@ def plan_from_config(
 ) -> tuple[PlanReport, Plan]:
     """Plan a child from the parent's config alone, on the ``meta`` device.
 
-    Kept indices that need scores are stood in by evenly spaced ones; the shapes,
-    parameter counts and memory estimate do not depend on which indices are kept.
-    The mapping of every parent tensor is checked against the child model's own
-    tensor shapes, so a spec or config rewrite error shows up here.
+    Evenly spaced indices stand in for those that need scores, because the
+    shapes, parameter counts and memory estimate do not depend on which indices
+    are kept. Every mapped parent tensor is checked against the child model's
+    own tensor shapes, so a spec or config rewrite error shows up here.
     """
     pshape = parent_shape(spec, config)
     check_option_combinations(spec, options)
@@ -119,7 +120,7 @@ def plan_from_config(
     parent_model = _meta_model(spec, config)
     child_model = _meta_model(spec, new_config)
     parent_shapes = {k: tuple(v.shape) for k, v in parent_model.state_dict().items()}
-    prefix = next((p for p in ["", *spec.base_prefixes] if any(k.startswith(p + spec.tensors[0].name.split("{")[0]) for k in parent_shapes)), "")
+    prefix = detect_prefix(spec, parent_shapes, f"meta {spec.default_architecture}")
     jobs = map_tensors(spec, plan, parent_shapes, base_prefix=prefix, tied=is_tied(spec, config))
     child_shapes = {k: tuple(v.shape) for k, v in child_model.state_dict().items()}
     for job in jobs:

@@ -21,10 +21,10 @@ INFLUENCE_METRICS = ("relative", "angular")
 
 @dataclass
 class Scores:
-    """Per-space importance: higher means keep.
+    """Per-space importance scores, where a higher score means keep.
 
-    ``hidden`` is one global score per residual dimension (D,); ``heads[i]``
-    (H,) and ``ffn[i]`` (F,) belong to parent block i; ``influence[metric]``
+    ``hidden`` holds one global score per residual dimension (D,). ``heads[i]``
+    (H,) and ``ffn[i]`` (F,) belong to parent block i. ``influence[metric]``
     (N,) measures how much each block changes the residual stream.
     """
 

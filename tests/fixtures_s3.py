@@ -169,7 +169,7 @@ def run_seaweedfs(workdir: Path, *, bucket: str = "subclone-test") -> Iterator[S
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        # weed puts its gRPC Unix sockets in /tmp whatever TMPDIR says; remove the ones of these ports.
+        # weed puts its gRPC Unix sockets in /tmp whatever TMPDIR is set to, so remove the ones of these ports.
         for port in (master_grpc, volume_grpc, filer_grpc, s3_grpc):
             for leftover in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
                 leftover.unlink(missing_ok=True)

@@ -139,6 +139,14 @@ def list_source_files(source_dir: Path) -> list[Path]:
     return files
 
 
+def files_from_index(index: dict[str, Any]) -> list[ArtifactFile]:
+    """Build the sorted file list from a job's artifact index (``{"files": [{name, size, sha256}]}``)."""
+    return sorted(
+        (ArtifactFile(item["name"], int(item["size"]), item["sha256"]) for item in index["files"]),
+        key=lambda entry: entry.name,
+    )
+
+
 def resolve_range(name: str, size: int, start: int, end: int | None) -> tuple[int, int]:
     """Check an inclusive byte range against a file's size and return it with ``end`` filled in.
 

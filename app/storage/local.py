@@ -32,6 +32,7 @@ from app.storage.base import (
     ArtifactNotFound,
     ArtifactStore,
     StorageError,
+    files_from_index,
     list_source_files,
     resolve_range,
     validate_artifact_name,
@@ -138,13 +139,7 @@ class LocalArtifactStore(ArtifactStore):
         if not (job_dir / _FILES_DIR / MANIFEST_NAME).is_file():
             return []
         index = self._read_index(job_dir)
-        return sorted(
-            (
-                ArtifactFile(item["name"], int(item["size"]), item["sha256"])
-                for item in index["files"]
-            ),
-            key=lambda entry: entry.name,
-        )
+        return files_from_index(index)
 
     def open_range(
         self, job_id: str, name: str, start: int = 0, end: int | None = None

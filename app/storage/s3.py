@@ -35,6 +35,7 @@ from app.storage.base import (
     ArtifactNotFound,
     ArtifactStore,
     StorageError,
+    files_from_index,
     list_source_files,
     resolve_range,
     sha256_file,
@@ -270,13 +271,7 @@ class S3ArtifactStore(ArtifactStore):
                 index = json.loads(body.read())
         except (*_BACKEND_ERRORS, ValueError) as exc:
             raise StorageError(f"artifact index of job {job_id!r} is unreadable: {exc}") from exc
-        return sorted(
-            (
-                ArtifactFile(item["name"], int(item["size"]), item["sha256"])
-                for item in index["files"]
-            ),
-            key=lambda entry: entry.name,
-        )
+        return files_from_index(index)
 
     def open_range(
         self, job_id: str, name: str, start: int = 0, end: int | None = None
